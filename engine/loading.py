@@ -160,6 +160,7 @@ def _build_random(preset: Preset, device: torch.device) -> LoadedModel:
 def load_model(name_or_path: str, device: str | None = None, device_map: str | dict | None = None) -> LoadedModel:
     """Load a preset by name, or a checkpoint directory by path. Raises ModelUnavailable with a how-to message."""
     target = torch.device(device) if device else default_device()
+    device_map = device_map or os.environ.get("FRAME_ARENA_DEVICE_MAP")
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         if preset.kind == "tiny":
