@@ -80,22 +80,25 @@ def _use_flash(query: torch.Tensor) -> bool:
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_pos: torch.Tensor,
-                     key_pos: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention where a row sees keys at positions ≤ its own. (B, H, q, d) → (B, H, q, d)."""
+                     key_pos: torch.Tensor, scaling: float, tail_aligned: bool) -> torch.Tensor:
+    """Attention where a row sees keys at positions ≤ its own. (B, H, q, d) → (B, H, q, d).
+
+    `tail_aligned`: the query rows are the last q keys (the usual case: they were just appended to the cache),
+    so causality is a bottom-right triangle and no position comparison is needed.
+    """
     q_len, kv_len = query.shape[2], key.shape[2]
-    tail_aligned = q_len <= kv_len and torch.equal(key_pos[kv_len - q_len :], query_pos)
     group = query.shape[1] // key.shape[1]
     if tail_aligned and _use_flash(query):
         out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               softmax_scale=scaling, causal=True)
         return out.transpose(1, 2)
+    if tail_aligned and (q_len == 1 or q_len == kv_len):
+        # No mask needed: SDPA handles grouped KV heads itself (and keeps the flash kernel on CUDA).
+        return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling,
+                                              enable_gqa=group > 1)
     if group > 1:
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
-    if tail_aligned and q_len == 1:
-        return F.scaled_dot_product_attention(query, key, value, scale=scaling)
-    if tail_aligned and q_len == kv_len:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     if tail_aligned and query.is_cuda:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(q_len, kv_len),
                                               scale=scaling)
@@ -113,13 +116,15 @@ def arena_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     key_pos = spec.cache.positions(layer).to(query.device)
     query_pos = spec.query_pos.to(query.device)
     if spec.key_index is None:
-        out = causal_attention(query, key, value, query_pos, key_pos, scaling)
+        out = causal_attention(query, key, value, query_pos, key_pos, scaling, tail_aligned=True)
     else:
         index = spec.key_index.to(query.device)
-        out = causal_attention(query, key[:, :, index], value[:, :, index], query_pos, key_pos[index], scaling)
+        out = causal_attention(query, key[:, :, index], value[:, :, index], query_pos, key_pos[index], scaling,
+                               tail_aligned=True)
         if spec.full_rows is not None and spec.full_rows.numel():
             rows = spec.full_rows.to(query.device)
-            out[:, :, rows] = causal_attention(query[:, :, rows], key, value, query_pos[rows], key_pos, scaling)
+            out[:, :, rows] = causal_attention(query[:, :, rows], key, value, query_pos[rows], key_pos, scaling,
+                                               tail_aligned=False)
     if spec.probe is not None:
         spec.probe.observe(layer, query, query_pos, key, key_pos, scaling)
     return out.transpose(1, 2).contiguous(), None
