@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from engine.attention import enable_arena_attention
 from engine.checkpoints import detect_layout
@@ -19,6 +20,8 @@ from engine.presets import PRESETS, Preset
 
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py", "tokenizer*", "*.bin"]
 TINY_VERSION = "tiny-v1"
+
+hf_logging.disable_progress_bar()
 
 
 @dataclass
