@@ -139,7 +139,8 @@ def _finish(model, tokenizer, directory, name, random_weights, device, dtype, ex
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     size, mean, std = _read_preprocessing(directory, model.config.vision_config.image_size) if directory else (
         model.config.vision_config.image_size, (0.5,) * 3, (0.5,) * 3)
-    template = _read_chat_template(directory, tokenizer) if directory else tokenizer.chat_template
+    template = overrides.get("chat_template") or (
+        _read_chat_template(directory, tokenizer) if directory else tokenizer.chat_template)
     return LoadedModel(
         model=model, tokenizer=tokenizer, chat_template=template, image_size=size, image_mean=mean, image_std=std,
         name=name, random_weights=random_weights, device=device, dtype=dtype,
