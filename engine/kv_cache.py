@@ -18,6 +18,8 @@ class ArenaCache:
         self.lengths = [0] * num_layers
         self.reserve = reserve
         self.write_positions: torch.Tensor | None = None
+        # How far each layer's RoPE positions run behind the original ones (token dropping compacts them).
+        self.rope_shift = [0] * num_layers
 
     @property
     def num_layers(self) -> int:

@@ -39,18 +39,23 @@ class LayerRunner:
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, cache: ArenaCache, layers: range,
             key_index: torch.Tensor | None = None, full_rows: torch.Tensor | None = None,
-            probe: AttentionProbe | None = None) -> torch.Tensor:
-        """Run rows `hidden` (q × D) at original `positions` through `layers`, writing their K/V to `cache`."""
+            probe: AttentionProbe | None = None, rope_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run rows `hidden` (q × D) at original `positions` through `layers`, writing their K/V to `cache`.
+
+        RoPE uses `rope_positions` when given, else `positions` less the layer's `cache.rope_shift`."""
         x = hidden[None]
-        position_ids = positions[None].to(x.device)
-        cos, sin = self.rotary(x, position_ids)
         cache.write_positions = positions
         spec = AttnSpec(cache=cache, query_pos=positions, key_index=key_index, full_rows=full_rows, probe=probe)
+        rotary: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for index in layers:
             layer = self.layers[index]
             device = layer.input_layernorm.weight.device
-            if x.device != device:
-                x, cos, sin, position_ids = x.to(device), cos.to(device), sin.to(device), position_ids.to(device)
+            x = x.to(device)
+            shift = 0 if rope_positions is not None else cache.rope_shift[index]
+            if shift not in rotary:
+                rope = (positions - shift if rope_positions is None else rope_positions)[None].to(device)
+                rotary[shift] = (*self.rotary(x, rope), rope)
+            cos, sin, position_ids = (t.to(device) for t in rotary[shift])
             out = layer(x, attention_mask=spec, position_embeddings=(cos, sin), past_key_values=cache,
                         position_ids=position_ids)
             x = out[0] if isinstance(out, tuple) else out
@@ -101,44 +106,58 @@ def scaled_layers(layers: tuple[int, ...], reference_depth: int, depth: int) -> 
 
 def _keep_visual(scores: torch.Tensor, visual_rows: torch.Tensor, count: int, uniform: bool) -> torch.Tensor:
     if uniform:
-        picks = torch.linspace(0, visual_rows.numel() - 1, count).round().long()
+        # An integer linspace truncates, as the reference's 'uniform' stage does.
+        picks = torch.linspace(0, visual_rows.numel() - 1, count, dtype=torch.long)
         return visual_rows[picks]
     top = torch.topk(scores[visual_rows], count).indices
     return visual_rows[top.sort().values]
 
 
+def _run_kept(runner: LayerRunner, seq: Sequence, hidden: torch.Tensor, kept: torch.Tensor, cache: ArenaCache,
+              layers: range, probe: AttentionProbe, chunk: int) -> torch.Tensor:
+    """Run the surviving rows (original positions `kept`) through `layers` at compacted RoPE positions."""
+    q_from = int((kept < seq.question_start).sum())
+    rope = torch.arange(kept.numel())
+    outputs = [runner.run(hidden[r.start:r.stop], kept[r.start:r.stop], cache, layers,
+                          rope_positions=rope[r.start:r.stop]) for r in _chunks(0, q_from, chunk)]
+    outputs.append(runner.run(hidden[q_from:], kept[q_from:], cache, layers, probe=probe,
+                              rope_positions=rope[q_from:]))
+    return torch.cat([o.to(hidden.device) for o in outputs])
+
+
 def drop_prefill(runner: LayerRunner, seq: Sequence, plan: TokenDropPlan, reference_depth: int = 28,
                  chunk: int = DEFAULT_CHUNK) -> PrefillResult:
-    """PyramidDrop-style: after each drop layer keep the visual tokens the last question token attends most."""
+    """VideoChat-Flash's `flash_rank_drop` (PyramidDrop): from each drop layer L on, only the top `ratios[i]` of the
+    ORIGINAL visual tokens run, ranked by layer L's attention from the last prompt token over its whole input.
+    Survivors continue at compacted RoPE positions, as the reference recomputes position ids after a drop."""
     depth = runner.num_layers
-    drop_at = scaled_layers(plan.layers, reference_depth, depth)
-    ratios = list(plan.ratios)[: len(drop_at)]
-    bounds = [-1] + drop_at + ([depth - 1] if drop_at[-1] != depth - 1 else [])
+    drop_at = scaled_layers(plan.layers, reference_depth, depth)[: len(plan.ratios)]
     cache = ArenaCache(depth, reserve=seq.length + 256)
     probe = AttentionProbe(depth, seq.length, seq.question_start)
-    kept = torch.arange(seq.length)
-    hidden = seq.embeds
+    kept, hidden = torch.arange(seq.length), seq.embeds
     n_visual = int((seq.kind == VISUAL).sum())
     survivors = [seq.visual_index[seq.kind == VISUAL]]
-    for stage, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        layers = range(lo + 1, hi + 1)
-        q_from = int((kept < seq.question_start).sum())
-        outputs = []
-        for rows in _chunks(0, q_from, chunk):
-            outputs.append(runner.run(hidden[rows.start:rows.stop], kept[rows.start:rows.stop], cache, layers))
-        outputs.append(runner.run(hidden[q_from:], kept[q_from:], cache, layers, probe=probe))
-        hidden = torch.cat([o.to(hidden.device) for o in outputs])
-        if stage >= len(ratios):
-            break
+    start = 0
+    for stage, layer in enumerate(drop_at):
+        hidden = _run_kept(runner, seq, hidden, kept, cache, range(start, layer), probe, chunk)
+        # Only layer L's attention is needed to rank: run it on the full rows, forget its K/V, re-run it on the
+        # survivors below (the reference computes that attention from layer L's q/k projections alone).
+        _run_kept(runner, seq, hidden, kept, cache, range(layer, layer + 1), probe, chunk)
+        cache.truncate([0 if index == layer else length for index, length in enumerate(cache.lengths)])
         kinds = seq.kind[kept]
         visual_rows = (kinds == VISUAL).nonzero().flatten()
-        count = min(visual_rows.numel(), max(1, round(ratios[stage] * n_visual)))
-        scores = probe.last_row[hi][kept.to(probe.last_row[hi].device)].cpu()
+        # int(), not round(): the reference keeps int(N · ratio) of the N original visual tokens.
+        count = min(visual_rows.numel(), max(1, int(plan.ratios[stage] * n_visual)))
+        scores = probe.last_row[layer][kept.to(probe.last_row[layer].device)].cpu()
         chosen = _keep_visual(scores, visual_rows, count, plan.uniform_first and stage == 0)
         keep_mask = kinds != VISUAL
         keep_mask[chosen] = True
         kept, hidden = kept[keep_mask], hidden[keep_mask.to(hidden.device)]
         survivors.append(seq.visual_index[kept[seq.kind[kept] == VISUAL]])
+        for later in range(layer, depth):
+            cache.rope_shift[later] = seq.length - kept.numel()
+        start = layer
+    hidden = _run_kept(runner, seq, hidden, kept, cache, range(start, depth), probe, chunk)
     return PrefillResult(hidden[-1], cache, probe, seq.length, survivors=survivors)
 
 

@@ -83,7 +83,8 @@ class ChunkedPlan:
 
 @dataclass(frozen=True)
 class TokenDropPlan:
-    """PyramidDrop-style: after each layer in `layers`, keep `ratios[i]` of the original visual tokens."""
+    """PyramidDrop-style: from layer `layers[i]` on (ranked by that layer's attention), keep `ratios[i]` of the
+    original visual tokens."""
 
     layers: tuple[int, ...]
     ratios: tuple[float, ...]
