@@ -80,6 +80,10 @@ class Backend:
     def compress(self, features: FrameFeatures, question: str, ops: ModelOps, params: Any) -> VisualTokens:
         raise NotImplementedError
 
+    def prefill_marks(self, tokens: VisualTokens, seq: Any, result: Any, num_frames: int) -> dict[str, Any]:
+        """Per-frame marks only known after prefill (dense blocks, surviving tokens); none by default."""
+        return {}
+
     def make_params(self, overrides: dict[str, Any] | None = None) -> Any:
         """The params dataclass with `overrides` applied (unknown keys are an error)."""
         return self.Params(**(overrides or {}))

@@ -130,6 +130,14 @@ class HiCo(Backend):
     def num_tokens(self, num_frames: int, grid: int, params: HiCoParams) -> int:
         return math.ceil(num_frames / params.clip_frames) * clip_tokens(grid, params)
 
+    def prefill_marks(self, tokens: VisualTokens, seq: object, result: object, num_frames: int) -> dict:
+        """"surviving_tokens_last_stage": visual tokens per frame still in the LLM after the last drop."""
+        survivors = getattr(result, "survivors", None)
+        if not survivors or len(survivors) < 2:
+            return {}
+        table = frame_survivors(survivors, tokens.frame_span, num_frames)
+        return {"surviving_tokens_last_stage": table[-1], "surviving_tokens_first_stage": table[1]}
+
     def compress(self, features: FrameFeatures, question: str, ops: ModelOps, params: HiCoParams) -> VisualTokens:
         num_frames = features.num_frames
         clips = pad_to_clips(features.patches, params.clip_frames)

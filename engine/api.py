@@ -132,6 +132,7 @@ class Engine:
             seq = self.ops.sequence(tokens, question)
             result = prefill(self.ops.runner, seq, tokens.plan)
             logits = self.ops.runner.logits(result.last_hidden)
+            marks = get_backend(backend).prefill_marks(tokens, seq, result, prepared.clip.num_frames)
         tokenizer = self.loaded.tokenizer
         stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
                     tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None}
@@ -162,7 +163,7 @@ class Engine:
             frame_attention=frame_attention(per_token, tokens.frame_span, prepared.clip.num_frames),
             token_attention=per_token.numpy(), stages=stages, num_frames=prepared.clip.num_frames,
             num_visual_tokens=tokens.num_tokens, prompt_tokens=seq.length, new_tokens=len(ids),
-            frame_marks=dict(tokens.frame_marks), notes=list(tokens.notes),
+            frame_marks={**tokens.frame_marks, **marks}, notes=list(tokens.notes),
             extras={"kv_bytes": result.cache.nbytes()},
         )
 

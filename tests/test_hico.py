@@ -259,7 +259,11 @@ def test_answer_through_the_engine_with_dropping(tiny_engine):
     assert answer.num_visual_tokens == HiCo().num_tokens(6, tiny_engine.loaded.grid, HiCoParams()) == 128
     assert answer.frame_attention.shape == (6,)
     assert answer.frame_attention.sum() == pytest.approx(1.0, abs=1e-5)
-    assert set(answer.frame_marks) == {"effective_tokens", "merge_size"}
+    assert set(answer.frame_marks) == {"effective_tokens", "merge_size", "surviving_tokens_first_stage",
+                                       "surviving_tokens_last_stage"}
+    # 128 tokens → 64 after the first drop and 16 after the last, shared over the 6 real frames (+2 padding copies).
+    assert answer.frame_marks["surviving_tokens_first_stage"].sum() == pytest.approx(64)
+    assert answer.frame_marks["surviving_tokens_last_stage"].sum() == pytest.approx(16)
 
 
 def test_drop_keeps_the_planned_share_of_the_original_tokens(tiny_engine):
