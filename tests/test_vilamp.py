@@ -479,7 +479,7 @@ def test_a_missing_tensor_is_a_clear_error(vilamp_checkpoint, tmp_path):
 
 
 def test_layout_chat_template_is_the_reference_qwen_1_5_prompt():
-    from engine.checkpoints.vilamp import CHAT_TEMPLATE
+    from engine.checkpoints.llava_original import QWEN_1_5_TEMPLATE as CHAT_TEMPLATE
     from engine.sequence import render_prompt
 
     before, after = render_prompt(CHAT_TEMPLATE, QUESTION)
