@@ -105,13 +105,21 @@ class Engine:
         self.features.put(features)
         return features
 
-    def prepare(self, path: str | os.PathLike, sampling: Sampling) -> Prepared:
+    def prepare_steps(self, path: str | os.PathLike, sampling: Sampling) -> Iterator[str | Prepared]:
+        """Yield "decode", then "encode", as each stage starts, then the Prepared video."""
         stages: list[StageProbe] = []
+        yield "decode"
         with stage("decode", self.device, stages):
             clip = self.decode(path, sampling)
+        yield "encode"
         with stage("encode", self.device, stages):
             features = self.encode(clip)
-        return Prepared(clip, features, stages)
+        yield Prepared(clip, features, stages)
+
+    def prepare(self, path: str | os.PathLike, sampling: Sampling) -> Prepared:
+        """Decode and encode once; the result is shared by every backend of a request."""
+        *_, prepared = self.prepare_steps(path, sampling)
+        return prepared
 
     @torch.inference_mode()
     def compress(self, backend: str, features: FrameFeatures, question: str,

@@ -100,7 +100,7 @@ def dense_prefill(runner: LayerRunner, seq: Sequence, chunk: int = DEFAULT_CHUNK
 
 def scaled_layers(layers: tuple[int, ...], reference_depth: int, depth: int) -> list[int]:
     """Drop layers given for a `reference_depth`-layer model, mapped to one of `depth` layers."""
-    scaled = sorted({min(depth - 1, max(0, round(l * depth / reference_depth))) for l in layers})
+    scaled = sorted({min(depth - 1, max(0, round(layer * depth / reference_depth))) for layer in layers})
     return scaled
 
 

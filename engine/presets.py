@@ -28,7 +28,8 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("tiny", "tiny", "Tiny random LLaVA-OneVision (27×27 patches, 4-layer LLM); offline, answers are noise."),
-        Preset("llava-ov-0.5b", "hub", "LLaVA-OneVision Qwen2 0.5B", repo_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
+        Preset("llava-ov-0.5b", "hub", "LLaVA-OneVision Qwen2 0.5B",
+               repo_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
         Preset("llava-ov-7b", "hub", "LLaVA-OneVision Qwen2 7B", repo_id="llava-hf/llava-onevision-qwen2-7b-ov-hf"),
         Preset("videoxl2-7b", "hub", "Video-XL-2 (Qwen2.5 7B, learned DTS fusion)", repo_id="BAAI/Video-XL-2"),
         Preset("vilamp-7b", "hub", "ViLAMP (LLaVA-Qwen 7B, learned DFM)", repo_id="orange-sk/ViLAMP-llava-qwen"),

@@ -62,17 +62,17 @@ class FrameFeatures:
 
 @dataclass(frozen=True)
 class DensePlan:
-    """Prefill the whole sequence at once (causal)."""
+    """Plain causal prefill (in sequence chunks of bounded size)."""
 
     kind: Literal["dense"] = "dense"
 
 
 @dataclass(frozen=True)
 class ChunkedPlan:
-    """Video-XL-2 chunk-based prefill: visual tokens see their block, `prev_blocks` earlier blocks, the prefix and markers.
+    """Video-XL-2 chunked prefill: visual tokens see their block, `prev_blocks` earlier blocks, the prefix, markers.
 
-    `kv_topk` ≥ 0 turns on bi-granularity KV after prefill: block 0, block 1, the last block and the `kv_topk`
-    most question-relevant blocks stay dense, every other block's visual KV is average-pooled `kv_pool`×.
+    `kv_topk` ≥ 0 turns on bi-granularity KV after prefill: the prefix, the first and last video blocks and the
+    `kv_topk` most question-relevant blocks stay dense; every other block's visual KV is average-pooled `kv_pool`×.
     """
 
     prev_blocks: int = 3
