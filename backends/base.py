@@ -71,6 +71,7 @@ class Backend:
     paper: ClassVar[str] = ""
     paper_url: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    about: ClassVar[str] = ""  # what it does to the tokens and which of the authors' quirks it keeps (About panel)
     Params: ClassVar[type] = type(None)
 
     def num_tokens(self, num_frames: int, grid: int, params: Any) -> int:

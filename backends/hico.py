@@ -125,6 +125,13 @@ class HiCo(Backend):
     paper_url = "https://arxiv.org/abs/2501.00574"
     description = ("Clips of 4 frames merged by token similarity (ToMe) to 16 tokens per frame before the projector; "
                    "inside the LLM the least-attended visual tokens are dropped at layers 8/16/24 (of 28).")
+    about = (
+        'Clips of 4 frames are merged by bipartite soft matching (ToMe, size-weighted) before the projector, down '
+        'to 16 tokens per frame; inside the language model the least-attended visual tokens are dropped at chosen '
+        "layers (PyramidDrop-style). Quirk kept: a clip's merged tokens come out as the unmerged tokens of one "
+        "side in descending match score, then the other side's tokens in their original order, as the authors' "
+        'code emits them.'
+    )
     Params = HiCoParams
 
     def num_tokens(self, num_frames: int, grid: int, params: HiCoParams) -> int:

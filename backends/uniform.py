@@ -33,6 +33,11 @@ class Uniform(Backend):
     paper = "LLaVA-OneVision: Easy Visual Task Transfer (Li et al., 2024)"
     paper_url = "https://arxiv.org/abs/2408.03326"
     description = "Every sampled frame, projected and 2×2 bilinear-pooled (196 tokens/frame at 384 px); the baseline."
+    about = (
+        'Every sampled frame goes through the projector and a 2×2 bilinear pool (27×27 → 14×14 = 196 tokens per '
+        'frame at 384 px); one learned newline token closes the video. Nothing is dropped: the reference point '
+        'for every ratio on this page.'
+    )
     Params = UniformParams
 
     def num_tokens(self, num_frames: int, grid: int, params: UniformParams) -> int:

@@ -126,6 +126,15 @@ class VideoXL2(Backend):
     description = ("Every 4 frames fused into one 24×24 map (DTS), projected and 2×2 average-pooled: 144 tokens per "
                    "group after a \"Time t s:\" marker. Prefilled block by block (each block sees a few previous "
                    "ones); after prefill only the blocks the question is about keep full KV.")
+    about = (
+        'Frames are grouped by 4 (the last frame repeated to fill a group) and fused into one 24×24 map, '
+        'projected and 2×2 average-pooled: 144 tokens per 4 frames, each group after a `Time t s:` marker. The '
+        'video is prefilled block by block (a block sees itself, a few previous blocks, the prefix and the '
+        'markers); after prefill only the blocks the question is about keep full KV, the others are pooled. '
+        'Quirks kept: the fusion module reads a raw reshape (its "time" axis runs over channels), as the released '
+        'weights require; its temporal attention uses the query at the key position. Without the Video-XL-2 '
+        'weights the fusion is parameter-free and labelled so.'
+    )
     Params = VideoXL2Params
 
     def num_tokens(self, num_frames: int, grid: int, params: VideoXL2Params) -> int:

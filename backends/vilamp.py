@@ -135,6 +135,13 @@ class ViLAMP(Backend):
     description = ("K keyframes chosen for relevance to the question and difference from each other keep all their "
                    "tokens (196/frame); every other frame is merged into one token that weights its patches by "
                    "relevance minus similarity to its keyframe.")
+    about = (
+        'Keyframes are picked greedily by relevance to the question (stop below 0.2 or at K = 32), skipping '
+        'frames too similar (> 0.85) to a chosen one; free slots are spread over the gaps. Keyframes keep all '
+        'their tokens; every other frame becomes ONE token, a softmax-weighted mix of its patches (relevance '
+        'minus similarity to its keyframe). Quirk kept (switchable): frames are compared with the reference '
+        "code's anchors (frame i of the video, not keyframe i), which the checkpoint was trained with."
+    )
     Params = ViLAMPParams
 
     def num_tokens(self, num_frames: int, grid: int, params: ViLAMPParams) -> int:
