@@ -45,7 +45,9 @@ def _load_all() -> None:
 def list_backends() -> list[str]:
     """Names of every registered backend, built-ins first in a fixed order."""
     _load_all()
-    return list(_REGISTRY)
+    builtin_order = {module.rsplit(".", 1)[1]: i for i, module in enumerate(BUILTIN_MODULES)}
+    names = list(_REGISTRY)
+    return sorted(names, key=lambda name: (builtin_order.get(name, len(builtin_order)), names.index(name)))
 
 
 def get_backend(name: str) -> Backend:
