@@ -7,6 +7,7 @@ per key — so attention over frames never needs eager attention or heads × q �
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,9 @@ class AttnSpec:
 
 
 def _use_flash(query: torch.Tensor) -> bool:
+    """flash-attn 2 on CUDA in half precision, unless FRAME_ARENA_ATTENTION=sdpa asks for SDPA only."""
+    if os.environ.get("FRAME_ARENA_ATTENTION", "auto") == "sdpa":
+        return False
     return flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
 
 

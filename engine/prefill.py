@@ -16,6 +16,12 @@ from engine.sequence import MARKER, PREFIX, QUESTION, VISUAL, Sequence
 from engine.types import ChunkedPlan, DensePlan, PrefillPlan, TokenDropPlan
 
 DEFAULT_CHUNK = 4096
+# On CPU a later chunk needs an explicit causal mask, which SDPA runs slowly; memory is not the constraint there.
+CPU_CHUNK = 1 << 17
+
+
+def chunk_for(hidden: torch.Tensor) -> int:
+    return DEFAULT_CHUNK if hidden.is_cuda else CPU_CHUNK
 
 
 class LayerRunner:
@@ -86,8 +92,9 @@ def _run_question(runner: LayerRunner, seq: Sequence, cache: ArenaCache, probe: 
     return runner.run(seq.embeds[rows], rows, cache, layers or range(runner.num_layers), probe=probe)
 
 
-def dense_prefill(runner: LayerRunner, seq: Sequence, chunk: int = DEFAULT_CHUNK) -> PrefillResult:
+def dense_prefill(runner: LayerRunner, seq: Sequence, chunk: int | None = None) -> PrefillResult:
     """Plain causal prefill of prefix + video in chunks of `chunk` tokens, then the probed question."""
+    chunk = chunk or chunk_for(seq.embeds)
     cache = ArenaCache(runner.num_layers, reserve=seq.length + 256)
     probe = AttentionProbe(runner.num_layers, seq.length, seq.question_start)
     everything = range(runner.num_layers)
@@ -126,10 +133,11 @@ def _run_kept(runner: LayerRunner, seq: Sequence, hidden: torch.Tensor, kept: to
 
 
 def drop_prefill(runner: LayerRunner, seq: Sequence, plan: TokenDropPlan, reference_depth: int = 28,
-                 chunk: int = DEFAULT_CHUNK) -> PrefillResult:
+                 chunk: int | None = None) -> PrefillResult:
     """VideoChat-Flash's `flash_rank_drop` (PyramidDrop): from each drop layer L on, only the top `ratios[i]` of the
     ORIGINAL visual tokens run, ranked by layer L's attention from the last prompt token over its whole input.
     Survivors continue at compacted RoPE positions, as the reference recomputes position ids after a drop."""
+    chunk = chunk or chunk_for(seq.embeds)
     depth = runner.num_layers
     drop_at = scaled_layers(plan.layers, reference_depth, depth)[: len(plan.ratios)]
     cache = ArenaCache(depth, reserve=seq.length + 256)

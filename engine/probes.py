@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import psutil
 import torch
 
 from engine.types import StageProbe
@@ -32,4 +31,6 @@ def stage(name: str, device: torch.device, sink: list[StageProbe]) -> Iterator[N
         if device.type == "cuda":
             sink.append(StageProbe(name, seconds, torch.cuda.max_memory_allocated(device), "cuda_peak"))
         else:
+            import psutil  # only for the CPU counter; the GPU path must not need it
+
             sink.append(StageProbe(name, seconds, psutil.Process().memory_info().rss, "cpu_rss"))
