@@ -74,6 +74,7 @@ class Engine:
         self.features = FeatureCache(cache_bytes if cache_bytes is not None else _default_cache_bytes(loaded.device))
         self.limits = limits
         self.vision_calls = 0
+        self.decode_calls = 0
 
     @classmethod
     def from_preset(cls, name: str, device: str | None = None, **kwargs: Any) -> Engine:
@@ -87,6 +88,7 @@ class Engine:
         # Imported here: the video libraries are not needed to run the model on features (GPU benchmarks).
         from engine.video import VideoLimits, load_clip
 
+        self.decode_calls += 1
         return load_clip(path, sampling, self.limits or VideoLimits.from_env())
 
     def feature_key(self, clip: Clip) -> str:

@@ -33,7 +33,7 @@ from engine.types import Clip, Sampling, VideoMeta
 from engine.video_decoders import check_decoder_name
 from engine.video_probe import describe_duration
 
-__all__ = ["VideoLimits", "load_clip", "sample_times"]
+__all__ = ["VideoLimits", "decoders_from_env", "load_clip", "sample_times"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ _BOOTSTRAP = (
     "worker_main(workdir)\n"
 )
 _HASH_CHUNK = 1 << 20
+DEFAULT_DECODERS = ("decord", "pyav")
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,28 @@ def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def decoders_from_env() -> tuple[str, ...]:
+    """The decoders to try, in order: $FRAME_ARENA_DECODERS (comma-separated names), else decord then PyAV."""
+    raw = os.environ.get("FRAME_ARENA_DECODERS", "")
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
+    for name in names:
+        check_decoder_name(name)
+    return names or DEFAULT_DECODERS
+
+
 def load_clip(
     path: str | os.PathLike,
     sampling: Sampling,
     limits: VideoLimits | None = None,
-    decoders: tuple[str, ...] = ("decord", "pyav"),
+    decoders: tuple[str, ...] | None = None,
 ) -> Clip:
     """Sample `path` per `sampling` into a Clip; any problem with the file raises VideoError with a readable message.
 
-    `decoders` are tried in order: "decord", "pyav" or a "module:function" decoder (see video_decoders.DecodeJob).
-    `limits` defaults to VideoLimits.from_env().
+    `decoders` are tried in order: "decord", "pyav" or a "module:function" decoder (see video_decoders.DecodeJob);
+    they default to decoders_from_env(), `limits` to VideoLimits.from_env().
     """
     limits = limits or VideoLimits.from_env()
+    decoders = decoders_from_env() if decoders is None else decoders
     if not decoders:
         raise ValueError("no decoder given")
     for name in decoders:

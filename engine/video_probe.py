@@ -53,6 +53,8 @@ def sniff_non_video(head: bytes) -> str | None:
         return "a PDF document"
     if stripped.startswith((b"<!doctype html", b"<html")) or b"<html" in stripped[:512]:
         return "an HTML page"
+    if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in stripped[:1024]):
+        return "an SVG image"
     if stripped.startswith(b"<?xml"):
         return "an XML document"
     if b"\x00" not in head:
@@ -174,8 +176,8 @@ def probe(path: str, max_pixels: int, max_duration_s: float) -> Probe:
             raise VideoError(f"The video stream in {name} has no frames.")
         if stream.frames and total < stream.frames:
             raise VideoError(
-                f"The video is truncated: its header lists {stream.frames} frames but only {total} are in the "
-                "file. The upload was probably cut off; try uploading it again."
+                f"The video is truncated: its header lists {stream.frames} frames but only {total} "
+                f"{'is' if total == 1 else 'are'} in the file. The upload was probably cut off; try uploading it again."
             )
         time_base = stream.time_base or Fraction(1, av.time_base)
         duration = _pts_duration_s(pts, last_duration, time_base)

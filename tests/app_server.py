@@ -57,3 +57,12 @@ def running_app(workdir: Path, env: dict[str, str]) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def offline_env(workdir: Path, **settings: str) -> dict[str, str]:
+    """The environment of an offline test server on CPU with an empty hub cache, plus FRAME_ARENA_* `settings`."""
+    (workdir / "hf_home").mkdir(exist_ok=True)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home"), "FRAME_ARENA_DEVICE": "cpu",
+           "FRAME_ARENA_CACHE": os.environ["FRAME_ARENA_CACHE"]}
+    env.update({f"FRAME_ARENA_{name.upper()}": value for name, value in settings.items()})
+    return env

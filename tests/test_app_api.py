@@ -4,7 +4,6 @@ its named endpoints answer through gradio_client."""
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import numpy as np
@@ -14,7 +13,7 @@ from gradio_client.exceptions import AppError
 
 from backends.base import param_field_info
 from backends.registry import get_backend, list_backends
-from tests.app_server import running_app
+from tests.app_server import offline_env, running_app
 from tests.videos import make_video
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,11 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     work = tmp_path_factory.mktemp("app")
-    (work / "hf_home").mkdir()
-    env = {
-        "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf_home"), "FRAME_ARENA_PRESET": "",
-        "FRAME_ARENA_CACHE": os.environ["FRAME_ARENA_CACHE"], "FRAME_ARENA_DEVICE": "cpu",
-    }
+    env = offline_env(work, preset="")
     with running_app(work, env) as url:
         yield url
 

@@ -6,11 +6,13 @@ ui/layout.py maps the keys to its components.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import gradio as gr
+import psutil
 
 from backends.base import param_field_info
 from backends.registry import get_backend, list_backends
@@ -37,10 +39,10 @@ def make_request(video: str | None, question: str, backends: list[str] | None, f
     try:
         sampling = Sampling(fps=float(fps), max_frames=max(1, int(max_frames)))
         new_tokens = max(1, int(max_new_tokens))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError("Frames per second, max frames and max new tokens must be numbers.") from None
-    if sampling.fps <= 0:
-        raise RequestError("Frames per second must be above 0.")
+    if not 0 < sampling.fps < math.inf:
+        raise RequestError("Frames per second must be a number above 0.")
     return RunRequest(video=video or "", question=question or "", backends=list(backends or []), sampling=sampling,
                       params=dict(params or {}), max_new_tokens=new_tokens)
 
@@ -79,10 +81,13 @@ def finished_outputs(event: Finished, result: RunResult, request: RunRequest) ->
     }
 
 
-def stream_run(runtime: Runtime, request: RunRequest, progress: Progress) -> Iterator[dict[Key, Any]]:
+def stream_run(runtime: Runtime, request: RunRequest, progress: Progress,
+               client: str | None = None) -> Iterator[dict[Key, Any]]:
     """Run every chosen backend on one decode + encode, yielding output updates as answers stream in; the last
-    update offers the whole run as a JSON download."""
+    update offers the whole run as a JSON download. A `client` (its address) is held to the runtime's rate limit."""
     request = check_request(request)
+    if client is not None:
+        runtime.limiter.check(client)
     result = RunResult()
     yield cleared(request.backends)
     for event in runtime.run(request):
@@ -103,9 +108,11 @@ def stream_run(runtime: Runtime, request: RunRequest, progress: Progress) -> Ite
     yield {EXPORT: gr.DownloadButton(value=str(write_export(record)), interactive=True)}
 
 
-def ask(runtime: Runtime, request: RunRequest) -> dict[str, Any]:
-    """The whole run as the JSON record (the `/ask` endpoint)."""
+def ask(runtime: Runtime, request: RunRequest, client: str | None = None) -> dict[str, Any]:
+    """The whole run as the JSON record (the `/ask` endpoint); a `client` is held to the runtime's rate limit."""
     request = check_request(request)
+    if client is not None:
+        runtime.limiter.check(client)
     result = RunResult()
     for event in runtime.run(request):
         result.apply(event)
@@ -121,3 +128,13 @@ def describe_backends() -> list[dict[str, Any]]:
         out.append({"name": name, "label": b.label, "paper": b.paper, "paper_url": b.paper_url,
                     "description": b.description, "params": params})
     return out
+
+
+def health(runtime: Runtime) -> dict[str, Any]:
+    """What an operator or a load test watches (the `/health` endpoint): feature cache use, process memory, and
+    how many decodes and vision-tower runs the engine has started."""
+    engine = runtime.engine
+    return {"preset": runtime.preset, "feature_cache_bytes": engine.features.nbytes,
+            "feature_cache_limit": engine.features.max_bytes, "feature_cache_entries": len(engine.features),
+            "rss_bytes": psutil.Process().memory_info().rss, "decode_calls": engine.decode_calls,
+            "vision_calls": engine.vision_calls}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -9,7 +10,10 @@ import gradio as gr
 from backends.registry import list_backends
 from ui import about, handlers, summary
 from ui.errors import user_errors
+from ui.needle_panel import build_needle_panel
 from ui.params import render_param_controls
+from ui.rate_limit import client_address, proxy_hops
+from ui.run import MAX_FRAMES
 from ui.runtime import Runtime
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -18,6 +22,9 @@ EXAMPLES = [
     ("counting_shapes.mp4", "How many shapes are there at the end of the video?"),
 ]
 GPU_QUEUE = "gpu"
+# Uploaded videos (and exports) are deleted this long after they were written: an upload can be 2 GB, so a busy
+# Space would otherwise fill its disk; a question asked later about a deleted upload gets "file not found".
+UPLOAD_MAX_AGE_S = int(os.environ.get("FRAME_ARENA_UPLOAD_MAX_AGE_S", "3600"))
 INTRO = (
     "# Frame Arena\n"
     "Upload a video, ask a question, and compare long-video token-compression methods side by side on **one** "
@@ -50,8 +57,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
     """The whole app around `runtime` (the engine all sessions share)."""
     names = list_backends()
     grid = runtime.engine.loaded.grid
+    hops = proxy_hops()
     default_frames = 64 if runtime.engine.device.type == "cuda" else 16
-    with gr.Blocks(title="Frame Arena", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    delete_cache = (min(600, UPLOAD_MAX_AGE_S), UPLOAD_MAX_AGE_S)  # (how often to look, age that is deleted)
+    with gr.Blocks(title="Frame Arena", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown("\n\n".join(runtime.banners), visible=bool(runtime.banners), elem_id="banner")
         with gr.Row(equal_height=False):
@@ -69,8 +78,8 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
                 with gr.Row():
                     fps = gr.Slider(0.1, 4.0, value=1.0, step=0.1, label="Frames per second", interactive=True,
                                     elem_id="fps")
-                    max_frames = gr.Slider(1, 256, value=default_frames, step=1, label="Max frames",
-                                           interactive=True, elem_id="max-frames")
+                    max_frames = gr.Slider(1, MAX_FRAMES, value=min(default_frames, MAX_FRAMES), step=1,
+                                           label="Max frames", interactive=True, elem_id="max-frames")
                     max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens",
                                                interactive=True, elem_id="max-new-tokens")
                 with gr.Accordion("Advanced: method parameters", open=False):
@@ -97,11 +106,11 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             outputs.update(shared)
 
             # gradio finds its progress tracker by this default value.
-            def run(video_path, question_text, fps_value, frames, new_tokens, *param_values,
+            def run(http: gr.Request, video_path, question_text, fps_value, frames, new_tokens, *param_values,
                     progress=gr.Progress()):  # noqa: B008
                 request = handlers.make_request(video_path, question_text, chosen, fps_value, frames, new_tokens,
                                                 controls.collect(param_values))
-                for update in handlers.stream_run(runtime, request, progress):
+                for update in handlers.stream_run(runtime, request, progress, client_address(http, hops)):
                     yield {outputs[key]: value for key, value in update.items()}
 
             gr.on([run_button.click, question.submit], user_errors(run),
@@ -114,6 +123,8 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
             table.render()
         export.render()
 
+        build_needle_panel(runtime, names, GPU_QUEUE, default_frames, MAX_FRAMES, hops)
+
         with gr.Accordion("About the methods", open=False, elem_id="about"):
             gr.Markdown(about.about_markdown(grid))
 
@@ -124,14 +135,18 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         gr.on([methods.change, max_frames.change, *(c.change for c in controls.components)],
               user_errors(update_budget), inputs=[methods, max_frames, *controls.components], outputs=budget,
               queue=False, show_progress="hidden", api_visibility="private")
-        _api(runtime, names)
+        _api(runtime, names, hops)
     return demo
 
 
-def _api(runtime: Runtime, names: list[str]) -> None:
+def _api(runtime: Runtime, names: list[str], hops: int) -> None:
     """Named endpoints for gradio_client: `/ask` (a video file and a question → the run as JSON) and `/backends`."""
     with gr.Group(visible=False):
         api_video = gr.File(label="video")
+        # gradio 6.31's File.preprocess leaves an empty temp file in its cache on every call, never deleted, which a
+        # caller could repeat without limit; the handler needs only the upload's path (gradio has already checked
+        # it is an upload). Set on the instance: a gr.File subclass would make gradio write a .pyi next to this file.
+        api_video.preprocess = lambda payload: None if payload is None else payload.path
         api_question = gr.Textbox(label="question")
         api_backends = gr.Dropdown(choices=names, value=names[:1], multiselect=True, label="backends")
         api_fps = gr.Number(value=1.0, label="fps")
@@ -141,9 +156,9 @@ def _api(runtime: Runtime, names: list[str]) -> None:
         api_result = gr.JSON(label="result")
         api_trigger = gr.Button("ask")
 
-    def ask(video, question, backends, fps, max_frames, max_new_tokens, params):
+    def ask(http: gr.Request, video, question, backends, fps, max_frames, max_new_tokens, params):
         request = handlers.make_request(video, question, backends, fps, max_frames, max_new_tokens, params)
-        return handlers.ask(runtime, request)
+        return handlers.ask(runtime, request, client_address(http, hops))
 
     api_trigger.click(user_errors(ask), inputs=[api_video, api_question, api_backends, api_fps, api_frames,
                                                 api_tokens, api_params],
@@ -154,3 +169,10 @@ def _api(runtime: Runtime, names: list[str]) -> None:
         return handlers.describe_backends()
 
     gr.api(backends, api_name="backends")
+
+    def health() -> dict:
+        """Feature cache bytes and limit, process RSS, decodes and vision-tower runs so far."""
+        return handlers.health(runtime)
+
+    # Off the queue, so it answers while the queue is full; undocumented, as it is for operators and tests.
+    gr.api(health, api_name="health", queue=False, api_visibility="undocumented")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from backends.base import param_field_info
 from backends.registry import get_backend, list_backends
 from engine.api import Engine, check_question
 from engine.errors import UserFacingError, VideoError
@@ -17,6 +19,8 @@ from engine.oom import RetryNotice, run_with_oom_retry
 from engine.types import Answer, Sampling, StageProbe, VideoMeta
 
 TOP_FRAMES = 4
+# Frames a run may sample (the UI slider's maximum): each costs decode memory, vision-tower time and visual tokens.
+MAX_FRAMES = int(os.environ.get("FRAME_ARENA_MAX_FRAMES", "256"))
 
 
 class RequestError(UserFacingError):
@@ -72,23 +76,62 @@ Event = Step | VideoReady | Partial | Finished | RetryNotice
 
 
 def check_request(request: RunRequest) -> RunRequest:
-    """The request with its question stripped; RequestError/QuestionError for what the user must fix first."""
+    """The request with its question stripped, each method once and parameters typed; RequestError/QuestionError
+    for what the user must fix first."""
     if not request.video:
         raise VideoError("Please upload a video or pick one of the examples.")
     if not request.backends:
         raise RequestError("Please choose at least one method to compare.")
+    if request.sampling.max_frames > MAX_FRAMES:
+        raise RequestError(f"Max frames is {request.sampling.max_frames:,}; the limit is {MAX_FRAMES}.")
     known = list_backends()
-    unknown = [name for name in request.backends if name not in known]
+    unknown = [str(name) for name in request.backends if name not in known]
     if unknown:
-        raise RequestError(f"Unknown method(s): {', '.join(unknown)}. Available: {', '.join(known)}.")
+        raise RequestError(f"Unknown method(s): {', '.join(unknown)[:200]}. Available: {', '.join(known)}.")
+    params = {}
     for name, overrides in request.params.items():
         if name not in known:
-            raise RequestError(f"Parameters given for unknown method '{name}'.")
+            raise RequestError(f"Parameters given for unknown method '{str(name)[:100]}'.")
         try:
-            get_backend(name).make_params(overrides)
+            params[name] = checked_params(name, overrides)
+            get_backend(name).make_params(params[name])
         except (TypeError, ValueError) as err:
             raise RequestError(f"Invalid parameters for {name}: {err}") from None
-    return dataclasses.replace(request, question=check_question(request.question))
+    # A method named twice would run twice on one request.
+    backends = list(dict.fromkeys(request.backends))
+    return dataclasses.replace(request, question=check_question(request.question), backends=backends, params=params)
+
+
+def checked_params(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` as their fields' types; ValueError for a value of the wrong kind or outside the declared range or
+    choices (the API is not held to the UI's sliders). Unknown fields are left for make_params to report."""
+    declared = {key: (default, param) for key, default, param in param_field_info(get_backend(name).Params)}
+    out = {}
+    for key, value in overrides.items():
+        if key not in declared:
+            out[key] = value
+            continue
+        default, param = declared[key]
+        if param.choices is not None:
+            if value not in param.choices:
+                raise ValueError(f"{key} must be one of {', '.join(map(repr, param.choices))}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false")
+        elif isinstance(default, (int, float)):
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            finite = isinstance(number, int) or math.isfinite(number)  # an int may be too large for a float
+            if not finite or (isinstance(default, int) and number != int(number)):
+                raise ValueError(f"{key} must be a {'whole ' if isinstance(default, int) else ''}number")
+            value = type(default)(number)
+            if param.minimum is not None and value < param.minimum:
+                raise ValueError(f"{key} must be at least {param.minimum:g}")
+            if param.maximum is not None and value > param.maximum:
+                raise ValueError(f"{key} must be at most {param.maximum:g}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{key} must be text")
+        out[key] = value
+    return out
 
 
 def gpu_seconds(request: RunRequest) -> int:

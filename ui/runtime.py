@@ -12,6 +12,7 @@ from typing import TypeVar
 from engine.api import Engine
 from engine.errors import ModelUnavailable
 from engine.presets import DEFAULT_PRESET, PRESETS
+from ui.rate_limit import RateLimiter
 from ui.run import Event, RunRequest, gpu_seconds, run_events
 
 PRESET_ENV = "FRAME_ARENA_PRESET"
@@ -23,12 +24,14 @@ Fn = TypeVar("Fn", bound=Callable)
 
 @dataclass
 class Runtime:
-    """The loaded engine, the preset it runs, the notices the page shows above everything else, and `run`: the
-    run's event stream, holding the GPU on a ZeroGPU Space for a time estimated from the request."""
+    """The loaded engine, the preset it runs, the notices the page shows above everything else, the per-client rate
+    limit, and `run`: the run's event stream, holding the GPU on a ZeroGPU Space for a time estimated from the
+    request."""
 
     engine: Engine
     preset: str
     banners: list[str] = field(default_factory=list)
+    limiter: RateLimiter = field(default_factory=RateLimiter.from_env)
 
     def __post_init__(self) -> None:
         engine = self.engine
