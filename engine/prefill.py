@@ -187,10 +187,12 @@ def chunked_prefill(runner: LayerRunner, seq: Sequence, plan: ChunkedPlan) -> Pr
     prefix = torch.arange(0, first_video)
     if prefix.numel():
         runner.run(seq.embeds[prefix], prefix, cache, everything)
-    block_ids = torch.unique_consecutive(seq.block[first_video : seq.question_start])
-    for block in block_ids.tolist():
-        rows = ((seq.block == block) & video).nonzero().flatten()
-        end = int(rows[-1]) + 1
+    # A block's markers and visual tokens are contiguous, so runs of equal block ids are the chunks.
+    block_ids, counts = torch.unique_consecutive(seq.block[first_video : seq.question_start], return_counts=True)
+    start = first_video
+    for block, count in zip(block_ids.tolist(), counts.tolist()):
+        rows = torch.arange(start, start + count)
+        start = end = start + count
         key_index = chunk_key_index(seq, block, max(0, plan.prev_blocks), end)
         full_rows = (seq.kind[rows] == MARKER).nonzero().flatten()
         runner.run(seq.embeds[rows], rows, cache, everything, key_index=key_index, full_rows=full_rows)
